@@ -1,0 +1,1 @@
+"""The `harden` command line: local hardening commands and the REST service client."""
