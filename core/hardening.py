@@ -24,6 +24,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -326,6 +327,7 @@ def fine_tune(
     device: str = "cpu",
     validate: Validator | None = None,
     control: TrainingControl | None = None,
+    state_path: Path | None = None,
 ) -> HardeningResult:
     """Run UM (with `loss_constraint`) or plain cross-entropy fine-tuning (with None).
 
@@ -333,6 +335,10 @@ def fine_tune(
     `validate` is given, each epoch is scored on validation data and the epoch with the lowest
     validation FPR95 is kept; otherwise the last epoch is kept. `model` ends with the selected
     weights loaded.
+
+    Args:
+        state_path: where the training state is saved after every epoch; a run started with an
+            existing file resumes after the last epoch it recorded.
     """
     _validate_epochs(epochs)
     control = control or TrainingControl()
@@ -346,8 +352,18 @@ def fine_tune(
     history: list[EpochRecord] = []
     best_state: dict[str, torch.Tensor] | None = None
     best_key = (math.inf, math.inf)
+    start_epoch = 1
+    resumed = load_training_state(state_path)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        history = [EpochRecord(**row) for row in resumed["history"]]
+        best_state, best_key, original = resumed["best_state"], tuple(resumed["best_key"]), resumed["original"]
+        start_epoch = resumed["epoch"] + 1
+
     stopped = False
-    for epoch in range(1, epochs + 1):
+    for epoch in range(start_epoch, epochs + 1):
         model.train()
         totals = _EpochTotals()
         for step, (inputs, labels) in enumerate(_batches(data, normalization, batch_size, seed, epoch, device), 1):
@@ -371,6 +387,11 @@ def fine_tune(
         if validate is None or record.selection_key() < best_key:
             best_key = record.selection_key() if validate else best_key
             best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        save_training_state(state_path, {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "history": [asdict(row) for row in history],
+            "best_state": best_state, "best_key": list(best_key), "original": original,
+        })
         if stopped:
             break
 
@@ -408,6 +429,7 @@ def learn_mask(
     recalibration_batches: int = 50,
     validate: Validator | None = None,
     control: TrainingControl | None = None,
+    state_path: Path | None = None,
 ) -> HardeningResult:
     """Learn a UMAP mask over the frozen weights of `model` with the loss `|CE - c| + c`.
 
@@ -416,7 +438,7 @@ def learn_mask(
     statistics are re-estimated under that epoch's mask from `recalibration_batches` training
     batches, and those statistics are what the selected mask ships with.
 
-    The weights and buffers of `model` are not changed.
+    The weights and buffers of `model` are not changed. `state_path` works as in `fine_tune`.
     """
     _validate_epochs(epochs)
     control = control or TrainingControl()
@@ -436,9 +458,19 @@ def learn_mask(
     history: list[EpochRecord] = []
     best: tuple[Masks, dict[str, torch.Tensor]] | None = None
     best_key = (math.inf, math.inf)
+    start_epoch = 1
+    resumed = load_training_state(state_path)
+    if resumed is not None:
+        scores.load_state_dict(resumed["scores"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        history = [EpochRecord(**row) for row in resumed["history"]]
+        best, best_key, original = (resumed["best_masks"], resumed["best_buffers"]), tuple(resumed["best_key"]), resumed["original"]
+        start_epoch = resumed["epoch"] + 1
+
     stopped = False
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(start_epoch, epochs + 1):
             # Batch-norm layers see batch statistics; their running averages go into a scratch
             # copy so that the original model's statistics stay untouched.
             model.train()
@@ -476,6 +508,11 @@ def learn_mask(
             if validate is None or record.selection_key() < best_key:
                 best_key = record.selection_key() if validate else best_key
                 best = (masks, buffers)
+            save_training_state(state_path, {
+                "epoch": epoch, "scores": scores.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "history": [asdict(row) for row in history],
+                "best_masks": best[0], "best_buffers": best[1], "best_key": list(best_key), "original": original,
+            })
             if stopped:
                 break
     finally:
@@ -552,6 +589,30 @@ def train_classifier(
 
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+
+def save_training_state(path: Path | None, state: dict) -> None:
+    """Write a resumable training state atomically (nothing happens when `path` is None)."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
+def load_training_state(path: Path | None) -> dict | None:
+    """Read a state written by `save_training_state`, or return None when there is none."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for a damaged file
+        logger.warning("Ignoring unreadable training state %s (%s); starting from the first epoch", path, error)
+        return None
+    logger.info("Resuming from %s after epoch %d", path, state["epoch"])
+    return state
 
 
 class _EpochTotals:

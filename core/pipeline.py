@@ -144,6 +144,9 @@ class JobSpec:
     val_ood_datasets: list[str] = field(default_factory=list)
     params: HardeningParams = field(default_factory=HardeningParams)
     data_roots: list[Path] | None = None
+    # Where the training state is saved after each epoch, so that a rerun of the same job (for
+    # example after its worker was killed) resumes instead of starting over. None: not saved.
+    state_dir: Path | None = None
 
 
 @dataclass
@@ -247,6 +250,7 @@ def run_job(
     common = dict(
         loss_constraint=constraint, epochs=params.epochs, lr=lr, batch_size=batch_size, seed=params.seed,
         device=device, validate=validate if data.val_ood_sets else None, control=control,
+        state_path=Path(spec.state_dir) / f"{spec.method}-state.pt" if spec.state_dir else None,
     )
     if spec.method in ("um", "finetune"):
         if spec.method == "finetune":

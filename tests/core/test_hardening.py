@@ -127,3 +127,48 @@ def test_umap_selects_epoch_on_validation(trained_lenet, fashion_subset):
     assert result.original_validation_fpr95 is not None
     assert result.beats_original == (best.selection_key() < (result.original_validation_fpr95, -result.original_validation_auroc))
     assert str(result.selected_epoch) in result.summary()
+
+
+def test_um_resumes_from_saved_state(trained_lenet, fashion_subset, tmp_path):
+    train, _, normalization = fashion_subset
+    uninterrupted = copy.deepcopy(trained_lenet[0])
+    fine_tune(uninterrupted, train, normalization, loss_constraint=0.3, epochs=2)
+
+    state_path = tmp_path / "state.pt"
+    interrupted = copy.deepcopy(trained_lenet[0])
+    steps = []
+    stop_in_second_epoch = TrainingControl(on_step=steps.append, should_stop=lambda: len(steps) >= 20)
+    first = fine_tune(
+        interrupted, train, normalization, loss_constraint=0.3, epochs=2, control=stop_in_second_epoch,
+        state_path=state_path,
+    )
+    assert first.stopped_early
+    assert [record.epoch for record in first.history] == [1]
+
+    resumed_model = copy.deepcopy(trained_lenet[0])
+    resumed_steps = []
+    result = fine_tune(
+        resumed_model, train, normalization, loss_constraint=0.3, epochs=2,
+        control=TrainingControl(on_step=resumed_steps.append), state_path=state_path,
+    )
+    assert len(resumed_steps) == 16
+    assert [record.epoch for record in result.history] == [1, 2]
+    for name, tensor in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[name], tensor, msg=name)
+
+
+def test_umap_resumes_from_saved_state(trained_lenet, fashion_subset, tmp_path):
+    model, _ = trained_lenet
+    train, _, normalization = fashion_subset
+    uninterrupted = learn_mask(model, train, normalization, loss_constraint=0.3, prune_rate=0.9, epochs=2)
+
+    state_path = tmp_path / "state.pt"
+    steps = []
+    learn_mask(
+        model, train, normalization, loss_constraint=0.3, prune_rate=0.9, epochs=2, state_path=state_path,
+        control=TrainingControl(on_step=steps.append, should_stop=lambda: len(steps) >= 20),
+    )
+    resumed = learn_mask(model, train, normalization, loss_constraint=0.3, prune_rate=0.9, epochs=2, state_path=state_path)
+    assert [record.epoch for record in resumed.history] == [1, 2]
+    for name, mask in uninterrupted.masks.items():
+        assert torch.equal(resumed.masks[name], mask), name
