@@ -26,7 +26,7 @@ bench-quick: setup
 	$(PY) -m bench.run --quick
 
 demo: setup
-	$(PY) -m bench.demo
+	$(PY) scripts/demo.py
 
 # The embedded default (SQLite and a broker-less Celery transport under var/).
 migrate: setup

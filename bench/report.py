@@ -217,7 +217,8 @@ def timing_section(timing: list[dict]) -> list[str]:
     lines = [
         "## Step time",
         "",
-        "Median seconds per optimiser step over 30 interleaved rounds, same model object and "
+        "Median seconds per optimiser step over interleaved rounds (30 for LeNet, 10 for the "
+        "ResNet), same model object and "
         "batch (`python -m bench.step_time`). Target: a UMAP step costs at most 1.15× a plain "
         "fine-tuning step. The quantile column is a UMAP step whose per-layer thresholds come "
         "from `torch.quantile` on every forward pass, as in the paper's code.",

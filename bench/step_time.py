@@ -25,9 +25,9 @@ from core.hardening import constrained_loss, fine_tune_step, umap_step
 from core.masks import ScoreMasks, masked_parameters
 
 CASES = (
-    # (architecture, input channels, side, batch size)
-    ("lenet", 1, 28, 128),
-    ("resnet18_32x32", 3, 32, 32),
+    # (architecture, input channels, side, batch size, timed rounds)
+    ("lenet", 1, 28, 128, 30),
+    ("resnet18_32x32", 3, 32, 32, 10),
 )
 
 
@@ -46,7 +46,7 @@ def quantile_step(model, scores: ScoreMasks, buffers, optimizer, inputs, labels,
     optimizer.step()
 
 
-def time_case(arch: str, channels: int, side: int, batch_size: int, rounds: int = 30, warmup: int = 3) -> dict:
+def time_case(arch: str, channels: int, side: int, batch_size: int, rounds: int, warmup: int = 3) -> dict:
     """Return the median seconds per step of the three step kinds for one model and batch."""
     torch.manual_seed(0)
     model = build_model(arch, num_classes=10, in_channels=channels).train()
@@ -75,6 +75,7 @@ def time_case(arch: str, channels: int, side: int, batch_size: int, rounds: int 
     return {
         "arch": arch,
         "batch_size": batch_size,
+        "rounds": rounds,
         "input": [channels, side, side],
         "seconds": median,
         "umap_over_finetune": median["umap"] / median["finetune"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -40,7 +41,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     common.add_argument("--key", default=None, help="API key (default: $HARDEN_API_KEY)")
     common.add_argument("--json", action="store_true", help="print the API response as JSON")
     common.add_argument(
-        "--http-timeout", type=float, default=300.0, help="seconds to wait for one HTTP response (default 300)"
+        "--http-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for one HTTP response (default 300)",
     )
 
     submit = subparsers.add_parser(
@@ -50,26 +54,43 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--checkpoint", type=Path, help="checkpoint file to upload first")
     source.add_argument("--checkpoint-id", help="id of a checkpoint uploaded before")
     submit.add_argument("--arch", help="architecture of --checkpoint, e.g. lenet or resnet18")
-    submit.add_argument("--num-classes", type=int, help="classifier outputs (default: from the file)")
+    submit.add_argument(
+        "--num-classes", type=int, help="classifier outputs (default: from the file)"
+    )
     submit.add_argument("--in-channels", type=int, help="input channels (default: from the file)")
-    submit.add_argument("--input-size", type=int, help="square input side in pixels (default: the architecture's)")
+    submit.add_argument(
+        "--input-size", type=int, help="square input side in pixels (default: the architecture's)"
+    )
     submit.add_argument("--mean", help="per-channel normalization mean, e.g. 0.5,0.5,0.5")
     submit.add_argument("--std", help="per-channel normalization std, e.g. 0.25,0.25,0.25")
     submit.add_argument("--method", choices=("um", "umap"), required=True, help="hardening method")
-    submit.add_argument("--id-dataset", required=True, help="ID training set reference, e.g. fashion-mnist:DIR")
     submit.add_argument(
-        "--ood-dataset", action="append", required=True, metavar="REF",
+        "--id-dataset", required=True, help="ID training set reference, e.g. fashion-mnist:DIR"
+    )
+    submit.add_argument(
+        "--ood-dataset",
+        action="append",
+        required=True,
+        metavar="REF",
         help="OOD test set reference (repeat for several)",
     )
     submit.add_argument(
-        "--val-ood-dataset", action="append", default=[], metavar="REF",
+        "--val-ood-dataset",
+        action="append",
+        default=[],
+        metavar="REF",
         help="OOD validation set reference for epoch selection (repeat for several)",
     )
     submit.add_argument(
-        "--param", action="append", default=[], metavar="NAME=VALUE",
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
         help="job parameter, e.g. epochs=3 or scores=msp,energy (repeat for several)",
     )
-    submit.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
+    submit.add_argument(
+        "--idempotency-key", help="resubmitting with the same key returns the same job"
+    )
     submit.set_defaults(func=_submit)
 
     status = subparsers.add_parser("status", parents=[common], help="show the status of a job")
@@ -77,10 +98,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     status.set_defaults(func=_status)
 
     wait = subparsers.add_parser(
-        "wait", parents=[common], help="show a progress bar until a job finishes; exit 0 if it succeeded"
+        "wait",
+        parents=[common],
+        help="show a progress bar until a job finishes; exit 0 if it succeeded",
     )
     wait.add_argument("job_id", help="job id from `harden submit`")
-    wait.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    wait.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between polls (default 2)"
+    )
     wait.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     wait.set_defaults(func=_wait)
 
@@ -89,7 +114,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     download.add_argument("job_id", help="id of a succeeded job")
     download.add_argument(
-        "-o", "--output", type=Path, help="file to write (default: JOB_ID-mask.safetensors or JOB_ID-weights.safetensors)"
+        "-o",
+        "--output",
+        type=Path,
+        help="file to write (default: JOB_ID-mask.safetensors or JOB_ID-weights.safetensors)",
     )
     download.set_defaults(func=_download)
 
@@ -97,14 +125,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "remote-score", parents=[common], help="score images with a succeeded job on the service"
     )
     score.add_argument("job_id", help="id of a succeeded job")
-    score.add_argument("files", type=Path, nargs="+", help="PNG/JPEG files, or one .npy uint8 array")
+    score.add_argument(
+        "files", type=Path, nargs="+", help="PNG/JPEG files, or one .npy uint8 array"
+    )
     score.set_defaults(func=_remote_score)
 
-    cancel = subparsers.add_parser("cancel", parents=[common], help="cancel a queued or running job")
+    cancel = subparsers.add_parser(
+        "cancel", parents=[common], help="cancel a queued or running job"
+    )
     cancel.add_argument("job_id", help="job id from `harden submit`")
     cancel.set_defaults(func=_cancel)
 
-    admin = subparsers.add_parser("admin", help="administer the service database (run on the server)")
+    admin = subparsers.add_parser(
+        "admin", help="administer the service database (run on the server)"
+    )
     admin_commands = admin.add_subparsers(dest="admin_command", required=True, metavar="COMMAND")
     create_key = admin_commands.add_parser(
         "create-key",
@@ -124,6 +158,8 @@ def make_client(args: argparse.Namespace) -> httpx.Client:
     key = args.key or os.environ.get("HARDEN_API_KEY")
     if not key:
         raise CommandError("no API key: pass --key or set HARDEN_API_KEY")
+    # httpx logs every request at INFO, which would interleave with the command's own output.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return httpx.Client(
         base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=args.http_timeout
     )
@@ -137,7 +173,8 @@ def _detail(response: httpx.Response) -> str:
     if isinstance(detail, list):
         # FastAPI validation errors: one "location: message" per problem.
         return "; ".join(
-            f"{'.'.join(str(part) for part in item.get('loc', []))}: {item.get('msg')}" for item in detail
+            f"{'.'.join(str(part) for part in item.get('loc', []))}: {item.get('msg')}"
+            for item in detail
         )
     return str(detail)
 
@@ -215,7 +252,9 @@ def _upload(client: httpx.Client, args: argparse.Namespace) -> str:
             form[field] = str(value)
     with args.checkpoint.open("rb") as handle:
         response = _checked(
-            client.post("/v1/checkpoints", files={"file": (args.checkpoint.name, handle)}, data=form)
+            client.post(
+                "/v1/checkpoints", files={"file": (args.checkpoint.name, handle)}, data=form
+            )
         )
     checkpoint = response.json()
     print(f"checkpoint {checkpoint['id']} (sha256 {checkpoint['sha256'][:12]})", file=sys.stderr)
@@ -258,9 +297,15 @@ def _status(args: argparse.Namespace) -> int:
 @_handler
 def _wait(args: argparse.Namespace) -> int:
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    with make_client(args) as client, tqdm(
-        total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}/{total} % [{elapsed}]", disable=None
-    ) as bar:
+    with (
+        make_client(args) as client,
+        tqdm(
+            total=100,
+            unit="%",
+            bar_format="{l_bar}{bar}| {n:.0f}/{total} % [{elapsed}]",
+            disable=None,
+        ) as bar,
+    ):
         while True:
             job = _checked(client.get(f"/v1/jobs/{args.job_id}")).json()
             fraction = (job.get("progress") or {}).get("fraction") or 0.0
@@ -270,7 +315,10 @@ def _wait(args: argparse.Namespace) -> int:
                 break
             if deadline is not None and time.monotonic() > deadline:
                 bar.close()
-                print(f"error: job {args.job_id} still {job['status']} after {args.timeout} s", file=sys.stderr)
+                print(
+                    f"error: job {args.job_id} still {job['status']} after {args.timeout} s",
+                    file=sys.stderr,
+                )
                 return 1
             time.sleep(args.interval)
     if args.json:

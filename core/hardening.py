@@ -300,7 +300,7 @@ def umap_step(
     Args:
         buffers: batch-norm buffers that the forward pass may update (a scratch copy).
     """
-    replaced = masked_parameters(model, scores.straight_through_masks())
+    replaced = scores.masked_weights(model)
     replaced.update(buffers)
     cross_entropy = F.cross_entropy(functional_call(model, replaced, (inputs,)), labels)
     loss = constrained_loss(cross_entropy, loss_constraint)

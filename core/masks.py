@@ -185,6 +185,19 @@ class ScoreMasks(nn.Module):
         """Return the current boolean masks, without gradient."""
         return {name: top_fraction_mask(score, self.prune_rate) for name, score in zip(self.names, self.scores)}
 
+    def masked_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Return `weight * mask` for every masked layer, with the straight-through gradient.
+
+        Equivalent to `masked_parameters(model, self.straight_through_masks())` but with one
+        fused autograd node per layer instead of four elementwise operations, which keeps a
+        UMAP step close to the cost of a plain fine-tuning step.
+        """
+        parameters = dict(model.named_parameters())
+        return {
+            name: _StraightThroughMask.apply(parameters[name], score, top_fraction_mask(score, self.prune_rate))
+            for name, score in zip(self.names, self.scores)
+        }
+
     def straight_through_masks(self) -> Masks:
         """Return 0/1 float masks whose gradient flows to the scores (one threshold per layer)."""
         masks = {}
@@ -192,6 +205,23 @@ class ScoreMasks(nn.Module):
             hard = top_fraction_mask(score, self.prune_rate).to(score.dtype)
             masks[name] = hard + score - score.detach()
         return masks
+
+
+class _StraightThroughMask(torch.autograd.Function):
+    """`weight * hard_mask` whose gradient with respect to the scores is `grad * weight`."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+        hard = hard.to(weight.dtype)
+        ctx.save_for_backward(weight, hard)
+        return weight * hard
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        weight, hard = ctx.saved_tensors
+        grad_weight = grad_output * hard if ctx.needs_input_grad[0] else None
+        grad_scores = grad_output * weight if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_scores, None
 
 
 def flipped_fraction(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> float:

@@ -172,3 +172,19 @@ def test_check_masks_fit_names_missing_layer():
 def test_kept_fraction_counts_all_layers():
     masks = {"a": torch.tensor([True, False]), "b": torch.tensor([True, True])}
     assert kept_fraction(masks) == 0.75
+
+
+def test_fused_masked_weights_match_straight_through():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    inputs = torch.randn(5, 6)
+    reference = ScoreMasks(model, prune_rate=0.5)
+    fused = ScoreMasks(model, prune_rate=0.5)
+    fused.load_state_dict(reference.state_dict())
+
+    plain = {"0.weight": model[0].weight * reference.straight_through_masks()["0.weight"]}
+    torch.func.functional_call(model, plain, (inputs,)).pow(2).sum().backward()
+    torch.func.functional_call(model, fused.masked_weights(model), (inputs,)).pow(2).sum().backward()
+    torch.testing.assert_close(fused.scores[0].grad, reference.scores[0].grad)
