@@ -99,8 +99,8 @@ def estimate_loss_constraint(
 ) -> list[ConstraintEstimate]:
     """Estimate the loss constraint c for each kept fraction `mask_ratio`.
 
-    For each ratio, `draws` random masks are drawn (one draw can be off by a factor of two on a
-    small model); each masked model is evaluated in eval mode over all of `data`.
+    For each ratio, `draws` random masks are drawn, because one draw can be off by a factor of
+    two on a small model. Each masked model is evaluated in eval mode over all of `data`.
 
     Args:
         on_draw: called with (draws done, draws in all) after each masked evaluation.
@@ -434,9 +434,9 @@ def learn_mask(
     """Learn a UMAP mask over the frozen weights of `model` with the loss `|CE - c| + c`.
 
     The scores are trained with Adam (see `ScoreMasks` for why) and a cosine schedule. Batch
-    statistics drive the batch-norm layers during training; after every epoch the running
+    statistics drive the batch-norm layers during training. After every epoch the running
     statistics are re-estimated under that epoch's mask from `recalibration_batches` training
-    batches, and those statistics are what the selected mask ships with.
+    batches, and the selected mask ships with those statistics.
 
     The weights and buffers of `model` are not changed. `state_path` works as in `fine_tune`.
     """

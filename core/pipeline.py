@@ -1,10 +1,10 @@
 """One hardening job end to end, and the predictor that serves its artifact.
 
-`run_job` is what the CLI and the Celery worker call: it loads the checkpoint and the datasets,
-estimates the loss constraint when none is given, evaluates the original model, runs UM or UMAP
-with epoch selection on validation data, evaluates the hardened model on the test OOD sets,
-calibrates the OOD threshold on held-out ID data and packs the artifact (UMAP: the mask; UM: the
-weights). Test OOD sets only measure; they never steer a choice.
+The CLI and the Celery worker call `run_job`. It loads the checkpoint and the datasets and
+estimates the loss constraint when none is given. Then it evaluates the original model, runs UM
+or UMAP with epoch selection on validation data and evaluates the hardened model on the test OOD
+sets. Last, it calibrates the OOD threshold on held-out ID data and packs the artifact (the mask
+for UMAP, the weights for UM). Test OOD sets only measure and never steer a choice.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class JobSpec:
 
 @dataclass
 class Progress:
-    """Where a job stands; `fraction` runs from 0 to 1 over the whole job."""
+    """Progress of a job; `fraction` runs from 0 to 1 over the whole job."""
 
     stage: str
     fraction: float
@@ -403,8 +403,8 @@ def _artifact_metadata(spec: JobSpec, data: _JobData, result: HardeningResult, t
 class Predictor:
     """Classify images and score them for OOD with a job's artifact.
 
-    For a UMAP mask, classes come from the original weights and the OOD score from the masked
-    model; for UM weights, both come from the hardened weights.
+    With a UMAP mask, classes come from the original weights and the OOD score from the masked
+    model. With UM weights, both come from the hardened weights.
     """
 
     def __init__(self, model: nn.Module, predict_forward, score_forward, metadata: dict[str, str], device: str):

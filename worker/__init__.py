@@ -1,0 +1,1 @@
+"""Celery worker that runs hardening jobs; start one process per GPU."""
