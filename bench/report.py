@@ -234,3 +234,48 @@ def timing_section(timing: list[dict]) -> list[str]:
         )
     lines.append("")
     return lines
+
+
+def main() -> None:
+    """Rewrite the report from saved results, with fresh step timings.
+
+    Useful when `bench.run` was stopped after some seeds: `runs.json` holds every finished seed.
+    """
+    import argparse
+    import json
+    import time
+
+    from bench.run import VALIDATION_OOD, TEST_OOD, machine_description
+    from bench.step_time import measure_step_times
+    from core.pipeline import HardeningParams
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, help="runs.json written by bench.run")
+    parser.add_argument("--report", type=Path, default=Path("docs/benchmarks.md"), help="Markdown file to write")
+    parser.add_argument("--command", default="make bench", help="command shown in the report")
+    parser.add_argument("--wall-minutes", type=float, required=True, help="wall time of the benchmark run")
+    args = parser.parse_args()
+
+    runs = json.loads(args.runs.read_text())
+    first = runs[0]["methods"]["um"]
+    started = time.time()
+    summary = {
+        "command": args.command,
+        "machine": machine_description(),
+        "seeds": [run["seed"] for run in runs],
+        "baseline_epochs": len(runs[0]["baseline_epochs"]),
+        "epochs": len(first["history"]),
+        "mask_ratio": 0.975,
+        "prune_rate": HardeningParams().prune_rate,
+        "max_train_samples": None if first["train_size"] > 50_000 else first["train_size"],
+        "test_ood": TEST_OOD,
+        "validation_ood": VALIDATION_OOD,
+        "runs": runs,
+        "timing": measure_step_times(),
+    }
+    summary["wall_seconds"] = 60 * args.wall_minutes + (time.time() - started)
+    write_report(summary, args.report)
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,7 @@ UMAP and plain cross-entropy fine-tuning with UM's schedule. Each run selects it
 validation OOD set and a held-out slice of the training set only. The tables in
 `docs/benchmarks.md` are written from the JSON this script stores under `bench/output/`.
 
-    python -m bench.run --seeds 0 1 2      # the full benchmark (about an hour on 2 CPU cores)
+    python -m bench.run --seeds 0 1 2      # the full benchmark (about 35 minutes on 2 CPU cores)
     python -m bench.run --quick            # one seed, fewer epochs and samples (minutes)
 """
 
@@ -55,8 +55,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (default 0 1 2)")
     parser.add_argument("--quick", action="store_true", help="one seed, short schedules, smaller training set")
-    parser.add_argument("--baseline-epochs", type=int, default=10, help="baseline training epochs (default 10)")
-    parser.add_argument("--epochs", type=int, default=5, help="UM / UMAP / control epochs (default 5)")
+    parser.add_argument("--baseline-epochs", type=int, default=8, help="baseline training epochs (default 8)")
+    parser.add_argument("--epochs", type=int, default=3, help="UM / UMAP / control epochs (default 3)")
     parser.add_argument("--mask-ratio", type=float, default=0.975, help="kept fraction that sets c (default 0.975)")
     parser.add_argument("--prune-rate", type=float, default=HardeningParams().prune_rate, help="UMAP kept fraction")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "output", help="where results go")

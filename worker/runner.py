@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -195,12 +197,15 @@ class JobRunner:
             )
         except Cancelled:
             if self._keeper is not None and self._keeper.lost.is_set():
+                # The worker that took the lease over resumes from the saved training state.
                 logger.warning("job %s: stopped because the lease was lost", self.job_id)
                 return
+            self._remove_training_state()
             self._finish("cancelled")
             logger.info("job %s cancelled in stage %s", self.job_id, self.stage)
             return
         except SoftTimeLimitExceeded:
+            self._remove_training_state()
             self._finish(
                 "failed",
                 f"time limit exceeded: the job ran longer than "
@@ -212,11 +217,13 @@ class JobRunner:
             )
             return
         except HardeningError as exc:
+            self._remove_training_state()
             self._finish("failed", str(exc))
             logger.info("job %s failed in stage %s: %s", self.job_id, self.stage, exc)
             return
         except Exception as exc:  # noqa: BLE001 - every failure must end in a final status
             logger.exception("job %s: internal error in stage %s", self.job_id, self.stage)
+            self._remove_training_state()
             self._finish(
                 "failed",
                 f"internal error in stage {self.stage}: {type(exc).__name__}: {exc}; "
@@ -224,6 +231,7 @@ class JobRunner:
             )
             return
         self._succeed(result)
+        self._remove_training_state()
 
     def _job_spec(self, job: Job) -> pipeline.JobSpec:
         with session_scope(self.settings.database_url) as session:
@@ -249,7 +257,18 @@ class JobRunner:
             val_ood_datasets=list(job.val_ood_datasets),
             params=pipeline.HardeningParams(**params),
             data_roots=list(self.settings.data_roots),
+            state_dir=self._state_dir(),
         )
+
+    def _state_dir(self) -> Path:
+        """Return the folder where the pipeline saves its training state after each epoch.
+
+        A rerun of the job after its worker died resumes from there instead of starting over.
+        """
+        return self.settings.storage_dir / "job-state" / self.job_id
+
+    def _remove_training_state(self) -> None:
+        shutil.rmtree(self._state_dir(), ignore_errors=True)
 
     # Callbacks passed to core.pipeline.run_job
 
