@@ -208,6 +208,7 @@ class CheckpointList(BaseModel):
 class ScoreResult(BaseModel):
     """The verdict on one image; higher `ood_score` means more in-distribution."""
 
+    input: str = Field(description="File name, or `NAME[i]` for image i of a .npy batch.")
     ood_score: float
     is_ood: bool
     predicted_class: int

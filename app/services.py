@@ -476,7 +476,7 @@ def score_uploads(
         return build_predictor(settings, checkpoint, artifact.data)
 
     predictor = predictors.get((job.id, view.artifact_sha256 or ""), build)
-    images = decode_uploads(uploads, predictor)
+    images, names = decode_uploads(uploads, predictor)
     if images.shape[0] > settings.max_score_images:
         raise _unprocessable(
             f"{images.shape[0]} images sent, the limit is {settings.max_score_images} per "
@@ -487,21 +487,21 @@ def score_uploads(
     return ScoreResponse(
         score_name=predictor.score_name,
         threshold=float(predictor.threshold),
-        results=[ScoreResult(**result) for result in results],
+        results=[ScoreResult(input=name, **result) for name, result in zip(names, results)],
     )
 
 
-def decode_uploads(files: list[tuple[str, bytes]], predictor: Any) -> Any:
-    """Decode uploaded images to the predictor's channels and input size.
+def decode_uploads(files: list[tuple[str, bytes]], predictor: Any) -> tuple[Any, list[str]]:
+    """Decode uploaded images to the predictor's channels and input size, with a name per image.
 
     Raises:
         HTTPException: 422 naming the file that cannot be decoded.
     """
     from core.errors import HardeningError
-    from core.pipeline import decode_images
+    from core.pipeline import decode_named_images
 
     try:
-        return decode_images(files, predictor.in_channels, predictor.input_size)
+        return decode_named_images(files, predictor.in_channels, predictor.input_size)
     except HardeningError as exc:
         raise _unprocessable(str(exc)) from exc
 

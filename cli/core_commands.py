@@ -14,6 +14,7 @@ from tqdm import tqdm
 from core.architectures import ARCHITECTURES, build_model
 from core.checkpoints import load_model, save_checkpoint
 from core.datasets import load_dataset
+from core.errors import DatasetError
 from core.evaluate import accuracy
 from core.hardening import StepReport, TrainingControl, estimate_loss_constraint, train_classifier
 from core.pipeline import (
@@ -23,10 +24,12 @@ from core.pipeline import (
     ModelSpec,
     Predictor,
     Progress,
-    decode_images,
+    check_classes_fit,
+    decode_named_images,
     evaluate_checkpoint,
     resolve_normalization,
     run_job,
+    same_images,
 )
 from core.scores import SCORES
 
@@ -119,6 +122,8 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
                         help=f"score that selects the epoch and sets the threshold (default {defaults.selection_score})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default 0)")
     parser.add_argument("--max-train-samples", type=int, help="train on a random subset of this size")
+    parser.add_argument("--estimate-draws", type=int, default=defaults.estimate_draws,
+                        help=f"random masks drawn to estimate c (default {defaults.estimate_draws})")
     parser.add_argument("--holdout-fraction", type=float, default=defaults.holdout_fraction,
                         help=f"ID training share held out for selection and calibration (default {defaults.holdout_fraction})")
 
@@ -146,7 +151,7 @@ def _job_spec(args: argparse.Namespace, method: str) -> JobSpec:
         mask_ratio=args.mask_ratio, loss_constraint=args.loss_constraint, prune_rate=args.prune_rate,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, scores=tuple(args.scores),
         selection_score=args.selection_score, seed=args.seed, max_train_samples=args.max_train_samples,
-        holdout_fraction=args.holdout_fraction,
+        holdout_fraction=args.holdout_fraction, estimate_draws=args.estimate_draws,
     )
     return JobSpec(
         method=method, model=_model_spec(args), id_dataset=args.dataset, ood_datasets=list(args.ood),
@@ -171,6 +176,9 @@ def _train(args: argparse.Namespace) -> int:
     size = args.input_size or spec.input_size
     data = load_dataset(args.dataset, channels=channels, size=size, split="train")
     test = load_dataset(args.dataset, channels=channels, size=size, split="test")
+    if same_images(data, test):
+        logger.warning("%s has no separate test split: the test accuracy below is measured on the training images",
+                       args.dataset)
     num_classes = args.num_classes or data.num_classes or int(data.labels.max()) + 1
     normalization = resolve_normalization(
         ModelSpec(arch=args.arch, checkpoint_path=args.output, mean=args.mean, std=args.std), args.dataset, channels
@@ -200,6 +208,7 @@ def _estimate(args: argparse.Namespace) -> int:
     loaded = load_model(args.checkpoint, args.arch, num_classes=args.num_classes, in_channels=args.in_channels)
     size = args.input_size or ARCHITECTURES[args.arch].input_size
     data = load_dataset(args.dataset, channels=loaded.in_channels, size=size, split="train")
+    check_classes_fit(data, loaded.num_classes, args.dataset)
     normalization = resolve_normalization(_model_spec(args), args.dataset, loaded.in_channels)
     total = args.draws * len(args.mask_ratio)
     with tqdm(total=total, desc="estimate", unit="mask", disable=args.json) as bar:
@@ -255,13 +264,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    for path in [args.artifact, *args.inputs]:
+        if not path.is_file():
+            raise DatasetError(f"File {path} not found: check the path.")
     predictor = Predictor.from_artifact(_model_spec(args), args.artifact.read_bytes(), device=args.device)
     blobs = [(path.name, path.read_bytes()) for path in args.inputs]
-    images = decode_images(blobs, predictor.in_channels, predictor.input_size)
+    images, names = decode_named_images(blobs, predictor.in_channels, predictor.input_size)
     results = predictor.predict(images)
-    names = [path.name for path in args.inputs] if len(args.inputs) == len(results) else [
-        f"{args.inputs[0].name}[{index}]" for index in range(len(results))
-    ]
     if args.json:
         payload = {"score_name": predictor.score_name, "threshold": predictor.threshold,
                    "results": [{"input": name, **row} for name, row in zip(names, results)]}

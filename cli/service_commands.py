@@ -221,6 +221,9 @@ def _describe(job: dict[str, Any]) -> str:
         text += ", cancel requested"
     if job.get("error"):
         text += f": {job['error']}"
+    selection = (job.get("metrics") or {}).get("selection") or {}
+    if selection.get("summary"):
+        text += f"\n{selection['summary']}"
     return text
 
 
@@ -335,6 +338,7 @@ def _download(args: argparse.Namespace) -> int:
         kind = "mask" if job["method"] == "umap" else "weights"
         output = args.output or Path(f"{args.job_id}-{kind}.safetensors")
         digest = hashlib.sha256()
+        output.parent.mkdir(parents=True, exist_ok=True)
         partial = output.with_name(output.name + ".part")
         with client.stream("GET", f"/v1/jobs/{args.job_id}/{kind}") as response:
             if response.status_code >= 400:

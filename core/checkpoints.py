@@ -271,7 +271,13 @@ def _for_arch(arch: str | None) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
+    message = str(error).strip()
+    # torch.load's weights-only error opens with advice to retry with weights_only=False, which
+    # would run code from the file; quote only the reason that follows its marker instead.
+    marker = "WeightsUnpickler error:"
+    if marker in message:
+        message = message.split(marker, 1)[1].strip()
+    text = message.splitlines()
     first = text[0] if text else ""
     if len(first) > 200:
         first = first[:200] + "..."

@@ -46,7 +46,7 @@ from core.hardening import (
     fine_tune,
     learn_mask,
 )
-from core.masks import WEIGHTS_FORMAT, MaskArtifact, check_masks_fit, masked_forward, pack_masks, read_metadata, unpack_masks
+from core.masks import MASK_FORMAT, WEIGHTS_FORMAT, MaskArtifact, check_masks_fit, masked_forward, pack_masks, read_metadata, unpack_masks
 from core.metrics import threshold_at_tpr
 from core.scores import SCORES, make_scorer
 
@@ -186,6 +186,7 @@ class _JobData:
     test: ImageSet
     ood_sets: dict[str, ImageSet]
     val_ood_sets: dict[str, ImageSet]
+    test_is_training_data: bool = False
 
 
 def run_job(
@@ -304,6 +305,7 @@ def run_job(
         "hardened": hardened,
         "threshold": threshold,
         "id_test_size": len(data.test.labels),
+        "id_test_is_training_data": data.test_is_training_data,
         "train_size": len(data.train.labels),
     }
     logger.info("%s job finished: %s", spec.method, result.summary())
@@ -334,15 +336,17 @@ def _load_job_data(spec: JobSpec, device: str) -> _JobData:
 
     params = spec.params
     train_all = load(spec.id_dataset, "train")
-    if train_all.num_classes is not None and train_all.num_classes > loaded.num_classes:
-        raise DatasetError(
-            f"Dataset {spec.id_dataset!r} has {train_all.num_classes} classes but the checkpoint's classifier has "
-            f"{loaded.num_classes} outputs. Use the dataset the model was trained on."
-        )
+    check_classes_fit(train_all, loaded.num_classes, spec.id_dataset)
     train, holdout = split_holdout(train_all, params.holdout_fraction, params.seed)
     if params.max_train_samples is not None and len(train.labels) > params.max_train_samples:
         train = subset(train, params.max_train_samples, params.seed)
     test = load(spec.id_dataset, "test")
+    if same_images(train_all, test):
+        logger.warning(
+            "%s has no separate test split, so ID test metrics are measured on training images; "
+            "use a dataset with train and test splits (or DIR/train and DIR/test folders) for honest numbers",
+            spec.id_dataset,
+        )
     # Validation OOD sets default to the "train" half of a built-in set and test sets to the
     # "test" half, so that one built-in name in both lists still gives disjoint images.
     ood_sets = {reference: load(reference, "test") for reference in spec.ood_datasets}
@@ -351,7 +355,23 @@ def _load_job_data(spec: JobSpec, device: str) -> _JobData:
         "Loaded %s: %d training, %d held-out, %d test images; %d test and %d validation OOD sets",
         spec.id_dataset, len(train.labels), len(holdout.labels), len(test.labels), len(ood_sets), len(val_ood_sets),
     )
-    return _JobData(loaded, normalization, train, holdout, test, ood_sets, val_ood_sets)
+    return _JobData(
+        loaded, normalization, train, holdout, test, ood_sets, val_ood_sets, same_images(train_all, test)
+    )
+
+
+def same_images(first: ImageSet, second: ImageSet) -> bool:
+    """Return whether two sets hold the same images, as the two splits of a split-less `npz:` do."""
+    return first.images.shape == second.images.shape and torch.equal(first.images, second.images)
+
+
+def check_classes_fit(data: ImageSet, num_classes: int, reference: str) -> None:
+    """Raise DatasetError when the dataset has more classes than the classifier has outputs."""
+    if data.num_classes is not None and data.num_classes > num_classes:
+        raise DatasetError(
+            f"Dataset {reference!r} has {data.num_classes} classes but the checkpoint's classifier has "
+            f"{num_classes} outputs. Use the dataset the model was trained on."
+        )
 
 
 def resolve_normalization(model_spec: ModelSpec, id_dataset: str, channels: int) -> Normalization:
@@ -429,6 +449,7 @@ class Predictor:
             MaskError: the artifact is corrupt or was made from another checkpoint.
         """
         metadata = read_metadata(artifact)
+        check_artifact_format(metadata)
         loaded = load_model(
             model_spec.checkpoint_path, metadata.get("arch", model_spec.arch),
             num_classes=int(metadata.get("num_classes", 0)) or model_spec.num_classes,
@@ -473,6 +494,15 @@ class Predictor:
         return results
 
 
+def check_artifact_format(metadata: dict[str, str]) -> None:
+    """Raise MaskError unless the metadata is that of a UMAP mask or UM weights artifact."""
+    if metadata.get("format") not in (MASK_FORMAT, WEIGHTS_FORMAT):
+        raise MaskError(
+            f"The file is not a UM or UMAP artifact (format {metadata.get('format')!r}). Pass the mask or "
+            "weights file written by `harden um`/`harden umap` or downloaded from a job, not a checkpoint."
+        )
+
+
 def conform_images(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
     """Convert uint8 images [N, C, H, W] to `channels` and a `size` x `size` side."""
     if images.dtype != torch.uint8 or images.dim() != 4:
@@ -483,18 +513,28 @@ def conform_images(images: torch.Tensor, channels: int, size: int) -> torch.Tens
 
 
 def decode_images(blobs: list[tuple[str, bytes]], channels: int, size: int) -> torch.Tensor:
-    """Decode PNG/JPEG files, or one `.npy` uint8 batch, into uint8 [N, channels, size, size].
+    """Decode PNG/JPEG files, or `.npy` uint8 batches, into uint8 [N, channels, size, size].
 
     Args:
-        blobs: (file name, content) pairs; a single `.npy` file may hold a batch [N, H, W],
+        blobs: (file name, content) pairs; a `.npy` file may hold a batch [N, H, W],
             [N, H, W, C] or [N, C, H, W].
     """
+    return decode_named_images(blobs, channels, size)[0]
+
+
+def decode_named_images(
+    blobs: list[tuple[str, bytes]], channels: int, size: int
+) -> tuple[torch.Tensor, list[str]]:
+    """Decode like `decode_images` and also return a name per image (`batch.npy[3]` for arrays)."""
     if not blobs:
-        raise DatasetError("No images were given: send PNG/JPEG files or one .npy uint8 array.")
+        raise DatasetError("No images were given: send PNG/JPEG files or .npy uint8 arrays.")
     batches = []
+    names = []
     for name, content in blobs:
         if name.lower().endswith(".npy"):
-            batches.append(conform_images(_decode_npy(name, content), channels, size))
+            batch = conform_images(_decode_npy(name, content), channels, size)
+            batches.append(batch)
+            names += [f"{name}[{index}]" for index in range(len(batch))]
             continue
         try:
             with Image.open(io.BytesIO(content)) as image:
@@ -502,11 +542,13 @@ def decode_images(blobs: list[tuple[str, bytes]], channels: int, size: int) -> t
                 mode = "L" if channels == 1 else "RGB"
                 array = np.asarray(image.convert(mode))
         except (UnidentifiedImageError, OSError) as error:
-            raise DatasetError(f"File {name!r} is not a readable PNG or JPEG image ({error}).") from error
+            reason = str(error).split(" <_io.BytesIO", 1)[0]
+            raise DatasetError(f"File {name!r} is not a readable PNG or JPEG image ({reason}).") from error
         tensor = torch.from_numpy(array.copy())
         tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
         batches.append(conform_images(tensor.unsqueeze(0), channels, size))
-    return torch.cat(batches)
+        names.append(name)
+    return torch.cat(batches), names
 
 
 def _decode_npy(name: str, content: bytes) -> torch.Tensor:
@@ -539,6 +581,7 @@ def evaluate_checkpoint(spec: JobSpec, artifact: bytes | None = None, device: st
     masked = False
     if artifact is not None:
         metadata = read_metadata(artifact)
+        check_artifact_format(metadata)
         if metadata.get("checkpoint_sha256") != data.loaded.sha256:
             raise MaskError(
                 f"The artifact was made from checkpoint sha256 {metadata.get('checkpoint_sha256')}, but "

@@ -314,12 +314,13 @@ def _images_to_nchw(images: np.ndarray, path: Path) -> np.ndarray:
 def decode_npz(source: SourceFiles, channels: int | None, size: int | None) -> ImageSet:
     (file,) = source.files
     try:
-        with np.load(file, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise DatasetError(
-                    f"{file} is a single .npy array, expected an .npz archive: save it with "
-                    "np.savez"
-                )
+        loaded = np.load(file, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DatasetError(
+                f"{file} is a single .npy array, expected an .npz archive: save it with "
+                "np.savez(path, x=images, y=labels)"
+            )
+        with loaded as archive:
             if "x" not in archive.files:
                 raise DatasetError(
                     f"{file} has the arrays {archive.files} but no 'x': save the images as "

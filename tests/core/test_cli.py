@@ -73,3 +73,17 @@ def test_bad_dataset_reference_exits_2(trained_checkpoint, capsys):
     code = main(["estimate", "--arch", "lenet", "--checkpoint", str(trained_checkpoint), "--dataset", "nosuch:/x"])
     assert code == 2
     assert "nosuch" in capsys.readouterr().err
+
+
+def test_estimate_rejects_dataset_with_more_classes(trained_checkpoint, capsys):
+    code = main(["estimate", "--arch", "lenet", "--checkpoint", str(trained_checkpoint), "--dataset",
+                 "builtin:mnist-5k?limit=200"])
+    assert code == 2
+    assert "has 10 classes but the checkpoint's classifier has 3 outputs" in capsys.readouterr().err
+
+
+def test_score_missing_input_exits_2(trained_checkpoint, tmp_path, capsys):
+    code = main(["score", "--arch", "lenet", "--checkpoint", str(trained_checkpoint), "--artifact",
+                 str(trained_checkpoint), str(tmp_path / "nosuch.png")])
+    assert code == 2
+    assert "nosuch.png not found" in capsys.readouterr().err

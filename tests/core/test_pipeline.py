@@ -16,6 +16,7 @@ from core.pipeline import (
     ModelSpec,
     Predictor,
     decode_images,
+    decode_named_images,
     evaluate_checkpoint,
     run_job,
 )
@@ -169,3 +170,23 @@ def test_decode_images_rejects_float_npy():
     np.save(buffer, np.zeros((2, 28, 28), dtype=np.float32))
     with pytest.raises(DatasetError, match="has dtype float32"):
         decode_images([("x.npy", buffer.getvalue())], channels=1, size=28)
+
+
+def test_decode_named_images_names_each_image():
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((2, 28, 28), dtype=np.uint8))
+    rgb = np.full((28, 28, 3), 10, dtype=np.uint8)
+    _, names = decode_named_images([("batch.npy", buffer.getvalue()), ("a.png", png_bytes(rgb))], channels=1, size=28)
+    assert names == ["batch.npy[0]", "batch.npy[1]", "a.png"]
+
+
+def test_decode_images_error_has_no_object_repr():
+    with pytest.raises(DatasetError) as error:
+        decode_images([("x.png", b"garbage")], channels=1, size=28)
+    assert "BytesIO" not in str(error.value)
+
+
+def test_predictor_rejects_plain_checkpoint_as_artifact(trained_lenet):
+    _, checkpoint = trained_lenet
+    with pytest.raises(MaskError, match="not a UM or UMAP artifact"):
+        Predictor.from_artifact(ModelSpec(arch="lenet", checkpoint_path=checkpoint), checkpoint.read_bytes())
