@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from core.architectures import build_model
-from core.hardening import constrained_loss, fine_tune_step, umap_step
+from core.hardening import constrained_loss, fine_tune_optimizer, fine_tune_step, mask_optimizer, umap_step
 from core.masks import ScoreMasks, masked_parameters
 
 CASES = (
@@ -54,8 +54,8 @@ def time_case(arch: str, channels: int, side: int, batch_size: int, rounds: int,
     labels = torch.randint(0, 10, (batch_size,))
     scores = ScoreMasks(model, prune_rate=0.9)
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    score_optimizer = torch.optim.Adam(scores.parameters(), lr=1e-3)
-    weight_optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+    score_optimizer = mask_optimizer(scores, 1e-3)
+    weight_optimizer = fine_tune_optimizer(model, 1e-6)
 
     steps = {
         "finetune": lambda: fine_tune_step(model, weight_optimizer, inputs, labels, 0.1),

@@ -62,6 +62,26 @@ def top_fraction_mask(scores: torch.Tensor, keep: float) -> torch.Tensor:
     return scores.detach() > threshold
 
 
+def kth_smallest(flat: torch.Tensor, k: int, hint: float | None, width: float) -> tuple[torch.Tensor, bool]:
+    """Return the k-th smallest value of a 1-D tensor, searching near `hint` first.
+
+    Scores move little between two optimiser steps, so the new threshold usually lies within
+    `width` of the previous one. Counting the values below that band and selecting inside it
+    costs two vectorised comparisons and a `kthvalue` over a small slice, instead of a
+    `kthvalue` over the whole layer. The result is exact either way.
+
+    Returns:
+        The value, and whether the band around `hint` contained it.
+    """
+    if hint is not None:
+        low, high = hint - width, hint + width
+        below = int((flat < low).sum())
+        band = flat[(flat >= low) & (flat <= high)]
+        if below < k <= below + band.numel():
+            return band.kthvalue(k - below).values, True
+    return flat.kthvalue(k).values, False
+
+
 def random_masks(model: nn.Module, keep: float, generator: torch.Generator) -> Masks:
     """Draw a uniform random score per weight and keep the top `keep` fraction of each layer."""
     masks = {}
@@ -180,10 +200,26 @@ class ScoreMasks(nn.Module):
         self.scores = nn.ParameterList(
             nn.Parameter(weight.detach().abs().clone()) for weight in maskable_parameters(model).values()
         )
+        # Last threshold and search band of each layer (see `kth_smallest`); not saved.
+        self._thresholds: list[float | None] = [None] * len(self.names)
+        self._widths = [max(float(score.detach().std()), 1e-12) * 0.01 for score in self.scores]
+
+    def _hard_mask(self, index: int) -> torch.Tensor:
+        """Return layer `index`'s boolean mask, reusing its last threshold to find the new one."""
+        score = self.scores[index].detach()
+        flat = score.reshape(-1)
+        num_dropped = flat.numel() - max(1, round(self.prune_rate * flat.numel()))
+        if num_dropped <= 0:
+            return torch.ones_like(score, dtype=torch.bool)
+        threshold, found = kth_smallest(flat, num_dropped, self._thresholds[index], self._widths[index])
+        # Widen the band after a miss; narrow it while it finds the threshold, to keep it small.
+        self._widths[index] *= 0.8 if found else 4.0
+        self._thresholds[index] = float(threshold)
+        return score > threshold
 
     def hard_masks(self) -> Masks:
         """Return the current boolean masks, without gradient."""
-        return {name: top_fraction_mask(score, self.prune_rate) for name, score in zip(self.names, self.scores)}
+        return {name: self._hard_mask(index) for index, name in enumerate(self.names)}
 
     def masked_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Return `weight * mask` for every masked layer, with the straight-through gradient.
@@ -194,15 +230,15 @@ class ScoreMasks(nn.Module):
         """
         parameters = dict(model.named_parameters())
         return {
-            name: _StraightThroughMask.apply(parameters[name], score, top_fraction_mask(score, self.prune_rate))
-            for name, score in zip(self.names, self.scores)
+            name: _StraightThroughMask.apply(parameters[name], self.scores[index], self._hard_mask(index))
+            for index, name in enumerate(self.names)
         }
 
     def straight_through_masks(self) -> Masks:
         """Return 0/1 float masks whose gradient flows to the scores (one threshold per layer)."""
         masks = {}
-        for name, score in zip(self.names, self.scores):
-            hard = top_fraction_mask(score, self.prune_rate).to(score.dtype)
+        for index, (name, score) in enumerate(zip(self.names, self.scores)):
+            hard = self._hard_mask(index).to(score.dtype)
             masks[name] = hard + score - score.detach()
         return masks
 

@@ -9,6 +9,7 @@ from core.masks import (
     ScoreMasks,
     check_masks_fit,
     flipped_fraction,
+    kth_smallest,
     kept_fraction,
     maskable_parameters,
     masked_forward,
@@ -188,3 +189,23 @@ def test_fused_masked_weights_match_straight_through():
     torch.func.functional_call(model, plain, (inputs,)).pow(2).sum().backward()
     torch.func.functional_call(model, fused.masked_weights(model), (inputs,)).pow(2).sum().backward()
     torch.testing.assert_close(fused.scores[0].grad, reference.scores[0].grad)
+
+
+@pytest.mark.parametrize("hint", [None, 0.5, 0.0, 2.0])
+def test_kth_smallest_matches_kthvalue(hint):
+    values = torch.rand(10_000, generator=torch.Generator().manual_seed(0))
+    value, _ = kth_smallest(values, 1234, hint, width=0.01)
+    assert float(value) == float(values.kthvalue(1234).values)
+
+
+def test_score_masks_keep_share_across_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 40))
+    scores = ScoreMasks(model, prune_rate=0.9)
+    optimizer = torch.optim.Adam(scores.parameters(), lr=0.05)
+    for _ in range(5):
+        masks = scores.hard_masks()
+        assert int(masks["0.weight"].sum()) == 1800
+        torch.testing.assert_close(masks["0.weight"], top_fraction_mask(scores.scores[0], 0.9))
+        scores.scores[0].grad = torch.randn_like(scores.scores[0])
+        optimizer.step()
