@@ -106,7 +106,11 @@ def run_demo(client: httpx.Client, checkpoint: Path, workdir: Path, epochs: int)
         response = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": f"demo-{method}-{uploaded['sha256'][:16]}"})
         response.raise_for_status()
         jobs[method] = response.json()
-        print(f"Submitted {method} job {jobs[method]['id']}: {response.headers['Location']}")
+        if response.status_code == 200:
+            print(f"Found the {method} job {jobs[method]['id']} that an earlier run submitted with the same "
+                  "Idempotency-Key (delete var/demo/harden.db to run the jobs again)")
+        else:
+            print(f"Submitted {method} job {jobs[method]['id']}: {response.headers['Location']}")
 
     for method, job in jobs.items():
         jobs[method] = wait_for_job(client, job["id"], method)
