@@ -1,12 +1,12 @@
 """Benchmark: UM and UMAP on real Fashion-MNIST against the original model and a fine-tuning control.
 
-For every seed it trains a LeNet baseline (recording Energy FPR95 and AUROC on the test OOD sets
-after each epoch), estimates the loss constraint c over several kept fractions, then runs UM,
+For every seed it trains a LeNet baseline and records Energy FPR95 and AUROC on the test OOD sets
+after each epoch. It estimates the loss constraint c over several kept fractions, then runs UM,
 UMAP and plain cross-entropy fine-tuning with UM's schedule. Each run selects its epoch on the
 validation OOD set and a held-out slice of the training set only. The tables in
 `docs/benchmarks.md` are written from the JSON this script stores under `bench/output/`.
 
-    python -m bench.run --seeds 0 1 2      # the full benchmark (about 35 minutes on 2 CPU cores)
+    python -m bench.run --seeds 0 1 2      # the full benchmark (about 25 minutes on 2 CPU cores)
     python -m bench.run --quick            # one seed, fewer epochs and samples (minutes)
 """
 

@@ -1,11 +1,11 @@
 """The main job end to end: harden a Fashion-MNIST LeNet through the REST service.
 
-Starts the API and one Celery worker on the embedded defaults (SQLite and the broker-less
-Celery transport, under `var/demo/`), trains a LeNet on real Fashion-MNIST (or reuses the one
-cached in `var/demo/`), uploads it, runs a UM job and a UMAP job with the built-in OOD sets,
-prints the before/after tables, downloads both artifacts, re-evaluates them locally with
-`core.pipeline.evaluate_checkpoint` to check the numbers match, and scores real Fashion-MNIST
-and MNIST images.
+The script starts the API and one Celery worker on the embedded defaults (SQLite and the
+broker-less Celery transport, under `var/demo/`). It trains a LeNet on real Fashion-MNIST, or
+reuses the one cached in `var/demo/`, uploads it and runs a UM job and a UMAP job with the
+built-in OOD sets. Then it prints the before/after tables and downloads both artifacts. It
+re-evaluates them locally with `core.pipeline.evaluate_checkpoint` to check that the numbers
+match, and scores real Fashion-MNIST and MNIST images.
 
     python scripts/demo.py            # `make demo` runs this
 """
