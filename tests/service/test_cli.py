@@ -144,7 +144,9 @@ def test_wait_succeeded_exits_0(
     use_api(client, alice)
     code = main(["wait", um_job["id"], "--interval", "0.1"])
     assert code == 0
-    assert capsys.readouterr().out.strip() == f"job {um_job['id']}: succeeded"
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"job {um_job['id']}: succeeded"
+    assert lines[1] == um_job["metrics"]["selection"]["summary"]
 
 
 def test_wait_cancelled_exits_1(
