@@ -23,7 +23,7 @@ bench: setup
 	$(PY) -m bench.run --seeds 0 1 2
 
 bench-quick: setup
-	$(PY) -m bench.run --quick
+	$(PY) -m bench.run --quick --output bench/output/quick --report bench/output/quick/benchmarks.md
 
 demo: setup
 	$(PY) scripts/demo.py
