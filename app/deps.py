@@ -57,7 +57,7 @@ def _owner(
     session: SessionDep,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> str:
-    """Return the owner of the API key in the Authorization header, or answer 401."""
+    """Return the owner of the API key in the Authorization header, or raise a 401 error."""
     header = request.headers.get("authorization")
     if not header:
         raise HTTPException(

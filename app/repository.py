@@ -1,7 +1,7 @@
 """Database queries of the API: keys, checkpoints, jobs and artifacts, always scoped by owner.
 
-Functions take an open session and commit only where they say so. Rows of another owner are
-treated as missing, so the API answers 404 without revealing that they exist.
+Functions take an open session and commit only where their docstring states it. Rows of another
+owner are treated as missing, so the API returns 404 without revealing that they exist.
 """
 
 from __future__ import annotations

@@ -239,7 +239,8 @@ def timing_section(timing: list[dict]) -> list[str]:
 def main() -> None:
     """Rewrite the report from saved results, with fresh step timings.
 
-    Useful when `bench.run` was stopped after some seeds: `runs.json` holds every finished seed.
+    Useful when `bench.run` was stopped after some seeds, because `runs.json` contains every
+    finished seed.
     """
     import argparse
     import json

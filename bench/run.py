@@ -132,6 +132,8 @@ def run_seed(seed: int, args: argparse.Namespace, max_train: int | None) -> dict
     constraint = next(estimate.mean for estimate in estimates if estimate.mask_ratio == args.mask_ratio)
 
     results = {}
+    # NOTE: each run_job evaluates the original model again (three times per seed), which costs
+    # about a minute per seed but keeps every method's report self-contained.
     for method in METHODS:
         spec = JobSpec(
             method=method,

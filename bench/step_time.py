@@ -1,7 +1,8 @@
 """Time one UMAP step against one plain fine-tuning step and a torch.quantile mask step.
 
-All three run on the same model object and the same batch, interleaved round by round so that
-a slow spell of the machine hits each of them alike; the reported figure is the median.
+All three run on the same model object and the same batch. They are interleaved round by round
+so that a slow spell of the machine hits each of them alike, and the reported figure is the
+median.
 
 The quantile variant is what the Unleashing Mask reference code does: it recomputes every
 layer's threshold with `torch.quantile` over the scores in each forward pass. Ours finds it with
@@ -32,7 +33,7 @@ CASES = (
 
 
 def quantile_step(model, scores: ScoreMasks, buffers, optimizer, inputs, labels, loss_constraint) -> None:
-    """One UMAP step whose thresholds come from `torch.quantile` over each layer's scores."""
+    """Take one UMAP step whose thresholds come from `torch.quantile` over each layer's scores."""
     masks = {}
     for name, score in zip(scores.names, scores.scores):
         threshold = torch.quantile(score.detach().flatten(), 1.0 - scores.prune_rate)

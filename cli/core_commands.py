@@ -16,7 +16,7 @@ from core.checkpoints import load_model, save_checkpoint
 from core.datasets import load_dataset
 from core.errors import DatasetError
 from core.evaluate import accuracy
-from core.hardening import StepReport, TrainingControl, estimate_loss_constraint, train_classifier
+from core.hardening import TrainingControl, estimate_loss_constraint, train_classifier
 from core.pipeline import (
     SERVING_SCORES,
     HardeningParams,

@@ -1,7 +1,7 @@
 """Exceptions that `core` raises for bad user input.
 
-Every error here is an expected failure: its message names the offending value and says what to
-do, so the CLI and the service can show it to the user as it is, without a traceback.
+Every error here is an expected failure. Its message names the offending value and what to do, so
+the CLI and the service can show it to the user as it is, without a traceback.
 """
 
 

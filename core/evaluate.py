@@ -17,8 +17,8 @@ logger = logging.getLogger(__name__)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
-# Synthetic sets that every reasonable detector separates or fails on wholesale; averages are
-# also reported without them so that they do not hide a change on the real sets.
+# Synthetic sets that a detector usually separates completely or not at all. Averages are also
+# reported without them, so that they do not hide a change on the real sets.
 NOISE_SETS = ("builtin:gaussian-noise", "builtin:uniform-noise")
 METRIC_NAMES = ("auroc", "aupr_in", "aupr_out", "fpr95")
 

@@ -6,8 +6,8 @@ Capability", ICML 2023) starts from a trained classifier and trains with the los
     L = |CE - c| + c
 
 where CE is the mean cross-entropy of a training batch and c the loss constraint. Above c this is
-plain cross-entropy; below c its gradient is reversed, so the model stops fitting (forgets) the
-atypical training samples it had memorised, which the paper finds helps OOD detection.
+plain cross-entropy. Below c its gradient is reversed, so the model stops fitting the atypical
+training samples it had memorised. The paper reports that this improves OOD detection.
 
 c is the mean cross-entropy, in eval mode, of the model with a random `1 - mask_ratio` share of
 every conv and linear weight zeroed (`estimate_loss_constraint`). During UM and UMAP the batch
@@ -39,7 +39,6 @@ from core.masks import (
     ScoreMasks,
     flipped_fraction,
     masked_forward,
-    masked_parameters,
     random_masks,
     recalibrate_batch_norm,
 )
@@ -176,10 +175,10 @@ class EpochRecord:
 
 @dataclass
 class HardeningResult:
-    """What UM, UMAP or the fine-tuning control returns.
+    """Outcome of UM, UMAP or the fine-tuning control.
 
-    `state_dict` is set for UM and the control (weights of the selected epoch); `masks` and
-    `buffers` for UMAP (mask and batch-norm statistics of the selected epoch).
+    UM and the control set `state_dict`, the weights of the selected epoch. UMAP sets `masks`
+    and `buffers`, the mask and batch-norm statistics of the selected epoch.
     """
 
     method: str
@@ -348,7 +347,7 @@ def fine_tune(
 
     SGD with momentum 0.9, weight decay 5e-4 and a cosine schedule over all steps. When
     `validate` is given, each epoch is scored on validation data and the epoch with the lowest
-    validation FPR95 is kept; otherwise the last epoch is kept. `model` ends with the selected
+    validation FPR95 is kept. Without it, the last epoch is kept. `model` ends with the selected
     weights loaded.
 
     Args:
@@ -358,7 +357,6 @@ def fine_tune(
     _validate_epochs(epochs)
     control = control or TrainingControl()
     method = "um" if loss_constraint is not None else "finetune"
-    original = _evaluate(model, validate, lambda inputs: model(inputs))
 
     optimizer = fine_tune_optimizer(model, lr, device)
     steps_per_epoch = _steps_per_epoch(data, batch_size)
@@ -376,6 +374,8 @@ def fine_tune(
         history = [EpochRecord(**row) for row in resumed["history"]]
         best_state, best_key, original = resumed["best_state"], tuple(resumed["best_key"]), resumed["original"]
         start_epoch = resumed["epoch"] + 1
+    else:
+        original = _evaluate(model, validate, lambda inputs: model(inputs))
 
     stopped = False
     for epoch in range(start_epoch, epochs + 1):
@@ -462,7 +462,6 @@ def learn_mask(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     model.eval()
-    original = _evaluate(model, validate, lambda inputs: model(inputs))
 
     scores = ScoreMasks(model, prune_rate).to(device)
     initial_masks = scores.hard_masks()
@@ -480,8 +479,11 @@ def learn_mask(
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         history = [EpochRecord(**row) for row in resumed["history"]]
-        best, best_key, original = (resumed["best_masks"], resumed["best_buffers"]), tuple(resumed["best_key"]), resumed["original"]
+        best = (resumed["best_masks"], resumed["best_buffers"])
+        best_key, original = tuple(resumed["best_key"]), resumed["original"]
         start_epoch = resumed["epoch"] + 1
+    else:
+        original = _evaluate(model, validate, lambda inputs: model(inputs))
 
     stopped = False
     try:
@@ -568,8 +570,8 @@ def train_classifier(
     """Train a classifier from scratch with SGD (momentum 0.9, weight decay 5e-4, cosine schedule).
 
     Returns:
-        One record per epoch; `control.on_epoch` sees each as it finishes (for example to
-        evaluate OOD detection per epoch).
+        One record per epoch. `control.on_epoch` receives each record as its epoch finishes,
+        for example to evaluate OOD detection per epoch.
     """
     _validate_epochs(epochs)
     control = control or TrainingControl()

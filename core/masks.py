@@ -55,11 +55,16 @@ def top_fraction_mask(scores: torch.Tensor, keep: float) -> torch.Tensor:
     if not 0.0 < keep <= 1.0:
         raise MaskError(f"Kept fraction {keep} is invalid: it must be in (0, 1].")
     flat = scores.detach().reshape(-1)
-    num_dropped = flat.numel() - max(1, round(keep * flat.numel()))
+    num_dropped = _num_dropped(flat.numel(), keep)
     if num_dropped <= 0:
         return torch.ones_like(scores, dtype=torch.bool)
     threshold = flat.kthvalue(num_dropped).values
     return scores.detach() > threshold
+
+
+def _num_dropped(count: int, keep: float) -> int:
+    """Return how many of `count` entries a mask keeping the fraction `keep` drops (one is always kept)."""
+    return count - max(1, round(keep * count))
 
 
 def kth_smallest(flat: torch.Tensor, k: int, hint: float | None, width: float) -> tuple[torch.Tensor, bool]:
@@ -180,7 +185,7 @@ class ScoreMasks(nn.Module):
 
     Each step keeps the top `prune_rate` fraction of every layer by score. The straight-through
     estimator (as in edge-popup, Ramanujan et al., 2020) passes the gradient of the masked weight
-    to the score unchanged: the mask is `hard + scores - scores.detach()`, which equals the hard
+    to the score unchanged. The mask is `hard + scores - scores.detach()`, which equals the hard
     0/1 mask in the forward pass and has gradient 1 with respect to the scores.
 
     Scores start at `|weight|`, so the first mask is magnitude pruning and the masked model
@@ -208,7 +213,7 @@ class ScoreMasks(nn.Module):
         """Return layer `index`'s boolean mask, reusing its last threshold to find the new one."""
         score = self.scores[index].detach()
         flat = score.reshape(-1)
-        num_dropped = flat.numel() - max(1, round(self.prune_rate * flat.numel()))
+        num_dropped = _num_dropped(flat.numel(), self.prune_rate)
         if num_dropped <= 0:
             return torch.ones_like(score, dtype=torch.bool)
         threshold, found = kth_smallest(flat, num_dropped, self._thresholds[index], self._widths[index])
@@ -357,10 +362,10 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 def check_masks_fit(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Raise MaskError unless `masks` covers exactly the model's masked weights with their shapes."""
     expected = {name: tuple(weight.shape) for name, weight in maskable_parameters(model).items()}
-    given = {name: tuple(mask.shape) for name, mask in masks.items()}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    wrong = sorted(name for name in set(expected) & set(given) if expected[name] != given[name])
+    actual = {name: tuple(mask.shape) for name, mask in masks.items()}
+    missing = sorted(set(expected) - set(actual))
+    unexpected = sorted(set(actual) - set(expected))
+    wrong = sorted(name for name in set(expected) & set(actual) if expected[name] != actual[name])
     if missing or unexpected or wrong:
         raise MaskError(
             "The mask does not fit the model: "

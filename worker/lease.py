@@ -44,8 +44,8 @@ def claim_job(session: Session, job_id: str, worker_id: str, lease_timeout_s: fl
     commits.
 
     Returns:
-        "claimed"; "missing" when no such job exists; "finished" when it already succeeded,
-        failed or was cancelled; "busy" when another worker holds a fresh lease on it.
+        "claimed" on success, "missing" when no such job exists, "finished" when it already
+        succeeded, failed or was cancelled, and "busy" when another worker has a fresh lease.
     """
     now = utc_now()
     stale_before = now - timedelta(seconds=lease_timeout_s)
@@ -194,7 +194,7 @@ def finish_succeeded(
 
 
 def fail_running_job(session: Session, job_id: str, error: str) -> bool:
-    """Mark a running job failed whoever holds it; used when its worker process was killed."""
+    """Mark a running job failed, whichever worker holds its lease, after its process was killed."""
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == "running")

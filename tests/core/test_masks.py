@@ -131,7 +131,7 @@ def test_recalibration_matches_batch_statistics():
     masks = random_masks(model, 0.5, torch.Generator().manual_seed(0))
     inputs = torch.randn(16, 3, 32, 32)
     buffers = recalibrate_batch_norm(model, masks, [inputs])
-    # The stem's batch norm sees the masked first convolution's output directly.
+    # The stem's batch norm normalises the masked first convolution's output directly.
     conv = model.conv1.weight * masks["conv1.weight"]
     features = torch.nn.functional.conv2d(inputs, conv, padding=1)
     torch.testing.assert_close(buffers["bn1.running_mean"], features.mean(dim=(0, 2, 3)))

@@ -45,7 +45,7 @@ def queued_job(
 
 
 class Redispatches(list):
-    """Records the (job id, delay) pairs a runner asks to deliver again."""
+    """List of the (job id, delay) pairs that a runner queues for another delivery."""
 
     def __call__(self, job_id: str, delay: float) -> None:
         self.append((job_id, delay))
